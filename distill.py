@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixed precision; auto: bf16 on CUDA devices and CPUs with native "
                             "bf16, fp16 with loss scaling on older CUDA devices, else off")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the models (slow start, faster steps on GPUs)")
+                       help="torch.compile the models: a slower start, and on the 2-core CPU "
+                            "measured (README) no faster steps; for trying on a GPU")
     group.add_argument("--sync-bn", action="store_true",
                        help="with torchrun on GPUs: batch-norm statistics over all processes")
 
