@@ -3,9 +3,9 @@
     python distill.py --epochs 30
         ResNet-18 teacher (trained first, 30 epochs), ResNet-20 student; a GPU job.
     python distill.py --data-dir /tmp/cifar10-jpeg --teacher resnet20 --student tinycnn \\
-        --subset 10000 --teacher-epochs 8 --epochs 8 --baseline
-        A CPU-sized run: about 12 minutes on 2 cores, teacher about 76%, student 62% with the
-        teacher and 62% without it (see README.md for the measured figures).
+        --subset 10000 --teacher-epochs 15 --epochs 15 --baseline
+        A CPU-sized run: 6 minutes on 2 cores of a Xeon with AVX512-BF16, teacher 73.0%,
+        student 67.3% with the teacher and 65.7% without it (README.md, "Results").
     torchrun --nproc_per_node=8 distill.py --epochs 30
         The same on 8 GPUs, data-parallel; --batch-size stays the global batch.
     python distill.py --resume --out runs/NAME
@@ -273,10 +273,10 @@ class Runtime:
         # Loss scaling is needed for fp16 only: bf16 has float32's exponent range.
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-    def reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """`tensor` summed (or reduced by `op`) over all processes, in place."""
+    def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`tensor` summed (or reduced by "min", "max") over all processes, in place."""
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=op)
+            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
         return tensor
 
     def broadcast_buffers(self, model: nn.Module) -> None:
@@ -435,7 +435,7 @@ def load_teacher(path: Path, architecture: str, num_classes: int) -> nn.Module:
     elif payload and all(torch.is_tensor(value) for value in payload.values()):
         state_dict = payload
     else:
-        raise CheckpointError(f"{path} holds no model weights (keys: {sorted(payload)[:6]})")
+        raise CheckpointError(f"{path} holds no model weights (keys: {list(payload)[:6]})")
 
     teacher = models.build_model(architecture, num_classes)
     try:
@@ -463,7 +463,7 @@ def train_epoch(
     batches,
     steps: int,
     runtime: Runtime,
-    progress: Optional[Callable[[int, torch.Tensor], None]] = None,
+    progress: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> dict:
     """Train for one epoch; with `teacher=None` the loss is plain cross-entropy.
 
@@ -517,8 +517,9 @@ def train_epoch(
 
     loss_sum, kd_sum, ce_sum, correct = runtime.reduce(totals).tolist()
     images = images_seen * runtime.world_size  # every process takes an equal share
-    bad_step = runtime.reduce(first_bad_step, dist.ReduceOp.MIN).item()
-    if bad_step < steps:
+    bad_step = runtime.reduce(first_bad_step, "min").item()
+    # In fp16 the scaler skips the steps whose gradients overflow, and they are counted instead.
+    if bad_step < steps and not scaler.is_enabled():
         raise TrainingDiverged(f"step {bad_step + 1} of {steps}")
     return {
         "loss": loss_sum / images,
