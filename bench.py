@@ -1,6 +1,6 @@
 """How fast is the distillation step? Three contenders measured side by side, in one run.
 
-    python bench.py --quick                            # synthetic images, under a minute on 2 cores
+    python bench.py --quick                            # synthetic images, under a minute
     python bench.py --data-dir /tmp/cifar10-jpeg       # the README's table
     python bench.py --gpu-report --data-dir DATA       # on a GPU: adds epoch times and MFU
 
@@ -307,10 +307,11 @@ def epoch_seconds(args, runtime, image_data) -> Dict[str, float]:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = distill.OneLineErrorParser(
+        prog="bench.py",
         description="Images/sec of the project's distillation step, the usual DataLoader "
                     "recipe and the bare model step, measured side by side.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=distill.DefaultsHelpFormatter,
     )
     parser.add_argument("--data-dir", help="CIFAR-10 as distill.py takes it (default: "
                                            "synthetic JPEG images in a temporary folder)")
@@ -318,13 +319,15 @@ def build_parser():
                         help="default: resnet18 on a GPU, resnet20 on a CPU")
     parser.add_argument("--student", choices=sorted(models.MODELS),
                         help="default: resnet20 on a GPU, tinycnn on a CPU")
-    parser.add_argument("--batch-size", type=distill.positive_int, default=256)
+    parser.add_argument("--batch-size", type=distill.positive_int, default=256,
+                        help="images per step, for every contender")
     parser.add_argument("--rounds", type=distill.positive_int, help="default 3 quick, 5 full")
     parser.add_argument("--steps", type=distill.positive_int,
                         help="timed steps per contender per round (default 8 quick, 20 full)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader worker processes of the usual recipe")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                        help="as in distill.py: auto is CUDA, else MPS, else CPU")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                         help="precision of the project and bound steps, as in distill.py")
     parser.add_argument("--compile", action="store_true",

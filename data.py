@@ -121,7 +121,13 @@ def _load_official_cifar10(root: Path, device: torch.device, download: bool) -> 
         try:
             dataset = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
         except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ...
-            raise DataError(_one_line(error)) from None
+            if download:
+                raise DataError(_one_line(error)) from None
+            raise DataError(
+                f"{root / 'cifar-10-batches-py'} is not a complete CIFAR-10 release (torchvision "
+                f"cannot read it); delete it to download again, or pass --data-dir with a "
+                f"complete copy"
+            ) from None
         # dataset.data is (N, 32, 32, 3) uint8; the models take (N, 3, 32, 32).
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         splits.append(Split(images.to(device), torch.tensor(dataset.targets).to(device)))

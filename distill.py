@@ -38,7 +38,7 @@ import loss
 import models
 
 CHECKPOINT_FORMAT = 1
-PHASES = ("teacher", "student", "baseline")
+PHASES = ("teacher", "student", "baseline", "done")
 TOP_K = 5  # the teacher-student overlap is measured on the 5 highest-scoring classes
 
 
@@ -63,43 +63,50 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: ...)" to a flag's help unless there is none or the help gives it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _number(text: str, kind, requirement: str, accept) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda value: value > 0)
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    return _number(text, float, "a finite number > 0",
+                   lambda value: math.isfinite(value) and value > 0)
 
 
 def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    return _number(text, float, "a finite number >= 0",
+                   lambda value: math.isfinite(value) and value >= 0)
 
 
 def unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-for _checker in (positive_int, positive_float, non_negative_float, unit_interval):
-    _checker.__name__ = "value"  # argparse names the type in "invalid <type> value: 'x'"
+    return _number(text, float, "a number in [0, 1]", lambda value: 0.0 <= value <= 1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="distill.py",
         description="Distil a CIFAR-10 teacher into a small student (Hinton et al. 2015).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
+        allow_abbrev=False,  # so that explicit_flags can tell which flags were written
     )
     model_names = sorted(models.MODELS)
 
@@ -128,16 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also train the student without a teacher, from the same initial "
                             "weights on the same batches, for a paired comparison")
     group.add_argument("--seed", type=int, default=0,
-                       help="seed of the weights, shuffling and augmentation")
+                       help="seed of the student's weights, shuffling and augmentation; the "
+                            "teacher's are seeded with seed + 1")
 
     group = parser.add_argument_group("distillation (see loss.py)")
     group.add_argument("--temperature-schedule", choices=("step", "constant", "linear", "cosine"),
-                       help="step: 8 halved at each third of the run; constant: --temperature; "
+                       help="step: 8 * 0.5 ** (epoch // (epochs // 3)), so 30 epochs give 8, "
+                            "4, 2 and 5 epochs 8, 4, 2, 1, 0.5; constant: --temperature; "
                             "linear/cosine: --temperature to --temperature-end (default: "
                             "constant if --temperature is given, else step)")
     group.add_argument("--temperature", type=positive_float,
                        help="softmax temperature T > 0, constant or the start of a linear/cosine "
-                            "schedule (default 5)")
+                            "schedule (default: 5)")
     group.add_argument("--temperature-end", type=positive_float, default=1.0,
                        help="last-epoch temperature of the linear/cosine schedules")
     group.add_argument("--alpha-schedule", choices=("exponential", "constant", "linear", "cosine"),
@@ -147,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "exponential)")
     group.add_argument("--alpha", type=unit_interval,
                        help="weight in [0, 1] of the distillation term; CE gets 1 - alpha "
-                            "(default 0.7)")
+                            "(default: 0.7)")
     group.add_argument("--alpha-end", type=unit_interval, default=0.1,
                        help="last-epoch alpha of the linear/cosine schedules")
 
@@ -189,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
 MACHINE_FLAGS = ("data_dir", "device", "out", "resume", "tensorboard", "compile")
 
 
+def explicit_flags(argv: Optional[List[str]], args: argparse.Namespace) -> dict:
+    """The flags written on the command line, with their parsed values."""
+    words = sys.argv[1:] if argv is None else argv
+    given = {}
+    for action in build_parser()._actions:  # the parser's own list of its flags
+        for flag in action.option_strings:
+            if any(word == flag or word.startswith(flag + "=") for word in words):
+                given[action.dest] = getattr(args, action.dest)
+    return given
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -212,22 +232,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def make_schedule(kind: str, value: float, end: float, named: Callable) -> Callable:
+    """A function of (epoch, total_epochs): `named` (step or exponential), or a constant, linear
+    or cosine schedule from `value` to `end`."""
+    if kind == "constant":
+        return functools.partial(loss.constant, value=value)
+    if kind in ("linear", "cosine"):
+        return functools.partial(getattr(loss, kind), start=value, end=end)
+    return named
+
+
 def make_schedules(args) -> Dict[str, Callable[[int, int], float]]:
-    temperature = {
-        "step": loss.step_temperature,
-        "constant": functools.partial(loss.constant, value=args.temperature),
-        "linear": functools.partial(loss.linear, start=args.temperature,
-                                    end=args.temperature_end),
-        "cosine": functools.partial(loss.cosine, start=args.temperature,
-                                    end=args.temperature_end),
-    }[args.temperature_schedule]
-    alpha = {
-        "exponential": loss.exponential_alpha,
-        "constant": functools.partial(loss.constant, value=args.alpha),
-        "linear": functools.partial(loss.linear, start=args.alpha, end=args.alpha_end),
-        "cosine": functools.partial(loss.cosine, start=args.alpha, end=args.alpha_end),
-    }[args.alpha_schedule]
-    return {"temperature": temperature, "alpha": alpha}
+    return {
+        "temperature": make_schedule(args.temperature_schedule, args.temperature,
+                                     args.temperature_end, loss.step_temperature),
+        "alpha": make_schedule(args.alpha_schedule, args.alpha, args.alpha_end,
+                               loss.exponential_alpha),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +320,8 @@ class Runtime:
         if self.device.type == "cuda":
             device += f" ({torch.cuda.get_device_name(self.device)})"
         elif self.device.type == "cpu":
-            device += f" ({torch.get_num_threads()} threads)"
+            threads = torch.get_num_threads()
+            device += f" ({threads} thread{'s' if threads > 1 else ''})"
         text = f"device {device}, precision {self.precision}, channels_last"
         if self.compile:
             text += ", torch.compile"
@@ -376,12 +398,15 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors all mean "not ours"
-        reason = " ".join(str(error).split())[:200]
+        reason = " ".join(str(error).split())
+        reason = reason[:200] if len(reason) > 20 else type(error).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint")
@@ -417,6 +442,12 @@ def model_checkpoint(name: str, model: nn.Module, image_data, args, accuracy: fl
 def load_teacher(path: Path, architecture: str, num_classes: int) -> nn.Module:
     """A teacher from a checkpoint of this project, or from a bare state dict of the requested
     architecture; mismatches end in CheckpointError."""
+    return build_teacher(read_teacher_checkpoint(path, architecture), path, architecture,
+                         num_classes)
+
+
+def read_teacher_checkpoint(path: Path, architecture: str) -> dict:
+    """The checkpoint's contents, its architecture checked (the class count needs the data)."""
     payload = load_checkpoint(path)
     if "state_dict" in payload:
         found = payload.get("architecture")
@@ -425,18 +456,20 @@ def load_teacher(path: Path, architecture: str, num_classes: int) -> nn.Module:
                 f"{path} holds a {found} teacher, but --teacher is {architecture}; "
                 f"pass --teacher {found}"
             )
-        found_classes = payload.get("num_classes")
-        if found_classes is not None and found_classes != num_classes:
-            raise CheckpointError(
-                f"{path} holds a teacher for {found_classes} classes, but the data set has "
-                f"{num_classes}"
-            )
-        state_dict = payload["state_dict"]
-    elif payload and all(torch.is_tensor(value) for value in payload.values()):
-        state_dict = payload
-    else:
-        raise CheckpointError(f"{path} holds no model weights (keys: {list(payload)[:6]})")
+        return payload
+    if payload and all(torch.is_tensor(value) for value in payload.values()):
+        return {"state_dict": payload}
+    raise CheckpointError(f"{path} holds no model weights (keys: {list(payload)[:6]})")
 
+
+def build_teacher(payload: dict, path: Path, architecture: str, num_classes: int) -> nn.Module:
+    found_classes = payload.get("num_classes")
+    if found_classes is not None and found_classes != num_classes:
+        raise CheckpointError(
+            f"{path} holds a teacher for {found_classes} classes, but the data set has "
+            f"{num_classes}"
+        )
+    state_dict = payload["state_dict"]
     teacher = models.build_model(architecture, num_classes)
     try:
         teacher.load_state_dict(plain_state_dict(state_dict))
@@ -593,9 +626,9 @@ class Run:
         self.started = time.perf_counter()
         self.elapsed_before = state.get("elapsed_seconds", 0.0)
 
-    def log(self, text: str = "", end: str = "\n") -> None:
+    def log(self, text: str = "") -> None:
         if self.runtime.is_main:
-            print(text, end=end, flush=True)
+            print(text, flush=True)
 
     def record(self, entry: dict) -> None:
         self.state["metrics"].append(entry)
@@ -616,9 +649,14 @@ class Run:
                                                last_entry["epoch"])
                 self.writer.flush()
 
-    def build(self, architecture: str) -> nn.Module:
-        # The same seed before building makes the student and baseline start identical.
-        torch.manual_seed(self.args.seed)
+    def seed(self, phase: str) -> int:
+        """The student and the baseline share a seed, so they start from the same weights and
+        see the same batches; the teacher has its own, so that a teacher of the student's
+        architecture is not the baseline itself."""
+        return self.args.seed + 1 if phase == "teacher" else self.args.seed
+
+    def build(self, architecture: str, phase: str) -> nn.Module:
+        torch.manual_seed(self.seed(phase))
         model = models.build_model(architecture, self.data.num_classes)
         return model.to(self.runtime.device, memory_format=torch.channels_last)
 
@@ -644,7 +682,7 @@ class Run:
             pct_start=0.15, anneal_strategy="linear", cycle_momentum=False,
         )
         scaler = runtime.make_scaler()
-        generator = data.make_generator(args.seed, runtime.device)
+        generator = data.make_generator(self.seed(phase), runtime.device)
         criterion = loss.KLDivLossWithTemperature()
         training_state = TrainingState(model, optimizer, scheduler, scaler, generator, runtime)
 
@@ -672,7 +710,7 @@ class Run:
             except TrainingDiverged as diverged:
                 raise TrainingDiverged(
                     f"the {phase} loss became non-finite in epoch {epoch + 1}, {diverged}; "
-                    f"{self.out / 'resume.pt'} keeps the last good epoch"
+                    f"{self.out / 'resume.pt'} keeps the run as it was before that epoch"
                 ) from None
             seconds = time.perf_counter() - started
             runtime.broadcast_buffers(model)
@@ -837,32 +875,47 @@ def read_resume_state(out: Path) -> dict:
     return state
 
 
-def prepare_output(args, runtime: Runtime) -> dict:
-    """Create --out for a new run and return the state to start from."""
-    out = Path(args.out)
-    if any(out.glob("*.pt")):
-        raise UsageError(
-            f"{out} already holds a run; continue it with --resume --out {out}, or choose "
-            f"another --out"
-        )
-    if runtime.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(json.dumps(vars(args), indent=2) + "\n", out / "config.json")
-            (out / "metrics.jsonl").write_text("")
-        except OSError as error:
-            raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from None
-    return {
-        "format": CHECKPOINT_FORMAT, "kind": "resume", "config": vars(args), "phase": "teacher",
-        "phase_state": None, "results": {}, "metrics": [], "elapsed_seconds": 0.0,
+def check_new_output(out: Path) -> None:
+    """Refuse, before any work, an --out that holds anything or cannot be created."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if (out / "resume.pt").exists():
+            raise UsageError(f"{out} already holds a run; continue it with --resume --out "
+                             f"{out}, or choose another --out")
+        raise UsageError(f"--out {out} exists and is not an empty folder; choose another")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"cannot write to --out {out}: {existing} is not a writable folder")
+
+
+def describe_data(image_data) -> dict:
+    return {"classes": list(image_data.classes), "train_images": len(image_data.train),
+            "test_images": len(image_data.test)}
+
+
+def start_output(args, image_data) -> dict:
+    """Create --out with the configuration and a first resume state, and return that state.
+    From here on a stopped run can be continued with --resume."""
+    state = {
+        "format": CHECKPOINT_FORMAT, "kind": "resume", "config": vars(args),
+        "data": describe_data(image_data), "phase": "teacher", "phase_state": None,
+        "results": {}, "metrics": [], "elapsed_seconds": 0.0,
     }
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(vars(args), indent=2) + "\n", out / "config.json")
+        (out / "metrics.jsonl").write_text("")
+        save_atomic(state, out / "resume.pt")
+    except OSError as error:
+        raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from None
+    return state
 
 
-def restore_config(args, state: dict) -> argparse.Namespace:
+def restore_config(given: dict, state: dict) -> argparse.Namespace:
     """The saved configuration, with the machine-specific flags given on this command line."""
     saved = argparse.Namespace(**state["config"])
-    defaults = vars(build_parser().parse_args([]))
-    given = {key: value for key, value in vars(args).items() if value != defaults.get(key)}
     ignored = [
         f"--{key.replace('_', '-')}" for key, value in given.items()
         if key not in MACHINE_FLAGS and value != getattr(saved, key, None)
@@ -876,31 +929,32 @@ def restore_config(args, state: dict) -> argparse.Namespace:
     return saved
 
 
-def open_tensorboard(run: Run) -> None:
-    if not (run.args.tensorboard and run.runtime.is_main):
-        return
+def tensorboard_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard"
                          ) from None
-    run.writer = SummaryWriter(str(run.out / "tensorboard"))
+    return SummaryWriter
 
 
-def obtain_teacher(run: Run) -> nn.Module:
+def obtain_teacher(run: Run, checkpoint: Optional[dict]) -> nn.Module:
+    """The teacher: from this run's teacher.pt when an earlier session finished it, else from
+    --teacher-checkpoint (`checkpoint`, read already), else trained here."""
     args, runtime = run.args, run.runtime
     teacher_file = run.out / "teacher.pt"
-    if run.state["phase"] != "teacher":  # finished earlier in this run
+    if run.state["phase"] != "teacher":
         teacher = load_teacher(teacher_file, args.teacher, run.data.num_classes)
         return teacher.to(runtime.device, memory_format=torch.channels_last)
-    if args.teacher_checkpoint:
-        teacher = load_teacher(Path(args.teacher_checkpoint), args.teacher, run.data.num_classes)
+    if checkpoint is not None:
+        teacher = build_teacher(checkpoint, Path(args.teacher_checkpoint), args.teacher,
+                                run.data.num_classes)
         teacher = teacher.to(runtime.device, memory_format=torch.channels_last)
         accuracy = evaluate(teacher, run.data, runtime, args.eval_batch_size)["test_accuracy"]
         run.state["results"]["teacher"] = {"test_accuracy": accuracy,
                                            "source": args.teacher_checkpoint}
     else:
-        teacher = run.build(args.teacher)
+        teacher = run.build(args.teacher, "teacher")
         last = run.train_phase("teacher", teacher)
         accuracy = last["test_accuracy"]
         run.state["results"]["teacher"] = {"test_accuracy": accuracy}
@@ -912,37 +966,63 @@ def obtain_teacher(run: Run) -> nn.Module:
     return teacher
 
 
-def run_job(args: argparse.Namespace) -> int:
+def load_data(args, runtime: Runtime):
+    # Rank 0 alone downloads, if a download is needed; the others then read its files.
+    image_data = None
+    if runtime.is_main:
+        image_data = data.load_image_data(args.data_dir, runtime.device)
+    if runtime.world_size > 1:
+        dist.barrier()
+    if not runtime.is_main:
+        image_data = data.load_image_data(args.data_dir, runtime.device, download=False)
+    if args.subset:
+        if args.subset > len(image_data.train):
+            raise UsageError(f"--subset {args.subset} is more than the "
+                             f"{len(image_data.train)} training images")
+        image_data.train = data.class_balanced_subset(image_data.train, args.subset,
+                                                      image_data.num_classes)
+    if len(image_data.train) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the "
+                         f"{len(image_data.train)} training images")
+    return image_data
+
+
+def run_job(args: argparse.Namespace, given: dict) -> int:
+    state = None
     if args.resume:
         state = read_resume_state(Path(args.out))
-        args = restore_config(args, state)
+        args = restore_config(given, state)
+        if state["phase"] == "done":
+            print(f"{args.out} holds a finished run:\n"
+                  + summary_table(args, state["results"], state["elapsed_seconds"]))
+            return 0
     runtime = Runtime(args)
     try:
         if not args.resume:
             args.out = runtime.share_from_main(args.out)  # the default name holds the time
-            state = prepare_output(args, runtime)
+            check_new_output(Path(args.out))
         if runtime.world_size > 1 and args.batch_size % runtime.world_size:
             raise UsageError(f"--batch-size {args.batch_size} does not split evenly over "
                              f"{runtime.world_size} processes")
         if args.sync_bn and runtime.world_size > 1 and runtime.device.type != "cuda":
             raise UsageError("--sync-bn needs CUDA devices; PyTorch has no CPU SyncBatchNorm")
+        writer_class = tensorboard_writer_class() if args.tensorboard else None
+        checkpoint = None
+        if args.teacher_checkpoint and (state is None or state["phase"] == "teacher"):
+            checkpoint = read_teacher_checkpoint(Path(args.teacher_checkpoint), args.teacher)
 
-        # Rank 0 alone downloads, if a download is needed; the others then read its files.
-        if runtime.is_main:
-            image_data = data.load_image_data(args.data_dir, runtime.device)
-        if runtime.world_size > 1:
-            dist.barrier()
-        if not runtime.is_main:
-            image_data = data.load_image_data(args.data_dir, runtime.device, download=False)
-        if args.subset:
-            image_data.train = data.class_balanced_subset(image_data.train, args.subset,
-                                                          image_data.num_classes)
-        if len(image_data.train) < args.batch_size:
-            raise UsageError(f"--batch-size {args.batch_size} is larger than the "
-                             f"{len(image_data.train)} training images")
+        image_data = load_data(args, runtime)
+        if state is None:
+            state = start_output(args, image_data) if runtime.is_main else None
+            state = runtime.share_from_main(state)
+        elif describe_data(image_data) != state["data"]:
+            raise UsageError(f"--data-dir {args.data_dir} holds other data than this run was "
+                             f"started with ({state['data']['train_images']} training images "
+                             f"of classes {', '.join(state['data']['classes'])})")
 
         run = Run(args, runtime, image_data, state)
-        open_tensorboard(run)
+        if writer_class is not None and runtime.is_main:
+            run.writer = writer_class(str(run.out / "tensorboard"))
         if args.resume and runtime.is_main:
             lines = "".join(json.dumps(entry) + "\n" for entry in state["metrics"])
             write_text_atomic(lines, run.out / "metrics.jsonl")
@@ -960,8 +1040,11 @@ def run_job(args: argparse.Namespace) -> int:
             f"{image_data.num_classes} classes | batch {args.batch_size}, "
             f"{run.steps_per_epoch} steps per epoch | out {run.out}"
         )
+        if runtime.amp_dtype == torch.float16 and runtime.device.type == "cpu":
+            run.log("note: --amp fp16 on a CPU runs far slower than --amp bf16 or off; it is "
+                    "meant for older CUDA devices")
 
-        teacher = obtain_teacher(run)
+        teacher = obtain_teacher(run, checkpoint)
         teacher.eval()
         teacher.requires_grad_(False)
         run.log(f"teacher {args.teacher}: test top-1 "
@@ -975,7 +1058,7 @@ def run_job(args: argparse.Namespace) -> int:
         for index, (phase, phase_teacher) in enumerate(phases):
             if PHASES.index(run.state["phase"]) > PHASES.index(phase):
                 continue  # finished before a resume
-            student = run.build(args.student)
+            student = run.build(args.student, phase)
             last = run.train_phase(phase, student, phase_teacher, teacher_top_classes)
             run.state["results"][phase] = {key: last.get(key) for key in
                                            ("test_accuracy", "agreement", "top5_overlap")}
@@ -1008,7 +1091,7 @@ def run_job(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        return run_job(args)
+        return run_job(args, explicit_flags(argv, args))
     except UsageError as error:
         print(f"distill.py: error: {error}", file=sys.stderr)
         return 2
@@ -1016,8 +1099,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"distill.py: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last finished epoch with: "
-              f"python distill.py --resume --out {args.out}", file=sys.stderr)
+        if (Path(args.out) / "resume.pt").exists():
+            hint = f"continue with: python distill.py --resume --out {args.out}"
+        else:
+            hint = "nothing was saved yet; start the run again"
+        print(f"\ninterrupted; {hint}", file=sys.stderr)
         return 130
 
 

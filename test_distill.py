@@ -6,6 +6,7 @@ evaluation and bad inputs.
 import contextlib
 import copy
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -42,8 +43,8 @@ def run_distill(arguments):
 
 def tiny_run_arguments(data_dir, out, *extra):
     return ["--data-dir", data_dir, "--out", out, "--teacher", "tinycnn", "--student",
-            "tinycnn", "--batch-size", "16", "--eval-batch-size", "64", "--teacher-epochs",
-            "1", "--epochs", "2", *extra]
+            "tinycnn", "--batch-size", "16", "--eval-batch-size", "64", "--lr", "0.05",
+            "--teacher-epochs", "1", "--epochs", "2", *extra]
 
 
 def read_metrics(out):
@@ -136,6 +137,23 @@ class TestEndToEnd(WithImageFolder):
         self.assertEqual(config["teacher_epochs"], 2)
 
 
+class TestOutputOnATerminal(WithImageFolder):
+    def test_progress_line_during_the_epoch_and_summary_line_over_it(self):
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        terminal = Terminal()
+        with mock.patch.object(sys, "stdout", terminal), mock.patch.object(
+                distill.time, "perf_counter", side_effect=itertools.count(0.0, 0.6)):
+            status = distill.main([str(a) for a in tiny_run_arguments(
+                self.data_dir, self.fresh_out("run"))])
+        self.assertEqual(status, 0)
+        output = terminal.getvalue()
+        self.assertRegex(output, r"\rstudent  epoch   1/2  step \d+/7  loss \d+\.\d{4}  \d+ img/s")
+        self.assertIn("\r\x1b[Kstudent  epoch   1/2  loss", output)
+
+
 class TestScript(WithImageFolder):
     def test_script_runs_end_to_end_from_the_command_line(self):
         out = self.fresh_out("run")
@@ -145,6 +163,13 @@ class TestScript(WithImageFolder):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("student with KD", result.stdout)
+
+    def test_help_gives_defaults_without_none(self):
+        result = subprocess.run([sys.executable, "distill.py", "--help"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, timeout=120)
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("(default: 30)", result.stdout)
+        self.assertNotIn("None", result.stdout)
 
     def test_bad_value_from_the_command_line_is_one_line_and_status_2(self):
         result = subprocess.run([sys.executable, "distill.py", "--epochs", "0"],
@@ -208,6 +233,18 @@ class TestPhases(WithImageFolder):
         baseline = torch.load(out / "baseline.pt", weights_only=True)["state_dict"]
         for key in student:
             torch.testing.assert_close(student[key], baseline[key], rtol=1e-4, atol=1e-5)
+
+    def test_teacher_of_the_students_architecture_is_not_the_baseline(self):
+        # The baseline shares the student's seed; the teacher must not, or with one
+        # architecture for both, "student alone" would be the teacher again.
+        out = self.fresh_out("run")
+        status, _, stderr = run_distill(tiny_run_arguments(
+            self.data_dir, out, "--baseline", "--teacher-epochs", "2"))
+        self.assertEqual(status, 0, stderr)
+        teacher = torch.load(out / "teacher.pt", weights_only=True)["state_dict"]
+        baseline = torch.load(out / "baseline.pt", weights_only=True)["state_dict"]
+        self.assertFalse(torch.equal(teacher["features.0.weight"],
+                                     baseline["features.0.weight"]))
 
     def test_teacher_checkpoint_is_loaded_instead_of_training(self):
         first = self.fresh_out("first")
@@ -275,6 +312,44 @@ class TestResume(WithImageFolder):
         self.assertEqual(status, 0, stderr)
         self.assertIn("ignoring --epochs", stdout)
         self.assertEqual(read_metrics(out)[-1]["epochs"], 2)
+
+    def test_resuming_a_finished_run_prints_its_table(self):
+        out = self.fresh_out("run")
+        run_distill(tiny_run_arguments(self.data_dir, out))
+        status, stdout, stderr = run_distill(["--resume", "--out", out])
+        self.assertEqual(status, 0, stderr)
+        self.assertIn("holds a finished run", stdout)
+        self.assertIn("student with KD", stdout)
+
+    def test_run_stopped_in_its_first_epoch_can_be_resumed(self):
+        out = self.fresh_out("run")
+        original = distill.train_epoch
+        with mock.patch.object(distill, "train_epoch", side_effect=KeyboardInterrupt):
+            status, _, stderr = run_distill(tiny_run_arguments(self.data_dir, out))
+        self.assertEqual(status, 130)
+        self.assertIn(f"--resume --out {out}", stderr)
+        self.assertIs(distill.train_epoch, original)
+        status, _, stderr = run_distill(["--resume", "--out", out])
+        self.assertEqual(status, 0, stderr)
+        self.assertEqual(len(read_metrics(out)), 3)
+
+    def test_flags_given_with_resume_are_reported_even_when_they_equal_a_default(self):
+        out = self.fresh_out("run")
+        with self.interrupt_after("student", 1):
+            run_distill(tiny_run_arguments(self.data_dir, out))
+        status, stdout, _ = run_distill(["--resume", "--out", out, "--epochs", "30",
+                                         "--student", "resnet20"])
+        self.assertEqual(status, 0)
+        self.assertIn("ignoring --student, --epochs", stdout)
+
+    def test_resume_on_other_data_is_refused(self):
+        out = self.fresh_out("run")
+        with self.interrupt_after("student", 1):
+            run_distill(tiny_run_arguments(self.data_dir, out))
+        other = make_image_folder(self.fresh_out("other-data"), classes=("x", "y"))
+        status, _, stderr = run_distill(["--resume", "--out", out, "--data-dir", other])
+        self.assertEqual(status, 2)
+        self.assertIn("holds other data than this run was started with", stderr)
 
     def test_existing_run_is_not_overwritten_without_resume(self):
         out = self.fresh_out("run")
@@ -531,6 +606,34 @@ class TestBadInputs(WithImageFolder):
         self.check_one_line_error(
             tiny_run_arguments(self.data_dir, self.fresh_out("run"), "--batch-size", "500"),
             2, "--batch-size 500")
+
+    def test_tensorboard_without_the_package_is_one_clear_line(self):
+        with mock.patch.dict(sys.modules, {"torch.utils.tensorboard": None}):
+            self.check_one_line_error(
+                tiny_run_arguments(self.data_dir, self.fresh_out("run"), "--tensorboard"), 2,
+                "pip install tensorboard")
+
+    def test_output_folder_holding_other_files_is_refused_and_left_alone(self):
+        out = self.fresh_out("mine")
+        out.mkdir()
+        (out / "config.json").write_text("my own file")
+        self.check_one_line_error(tiny_run_arguments(self.data_dir, out), 2, "not an empty")
+        self.assertEqual((out / "config.json").read_text(), "my own file")
+
+    def test_run_that_fails_before_training_leaves_no_folder(self):
+        out = self.fresh_out("run")
+        self.check_one_line_error(
+            tiny_run_arguments(self.data_dir, out, "--subset", "1000"), 2, "--subset 1000")
+        self.assertFalse(out.exists())
+
+    def test_folder_given_as_checkpoint_is_named_as_such(self):
+        self.check_one_line_error(
+            tiny_run_arguments(self.data_dir, self.fresh_out("run"), "--teacher-checkpoint",
+                               self.root), 1, "is a folder, not a checkpoint file")
+
+    def test_word_for_a_number_is_rejected_naming_the_flag(self):
+        self.check_one_line_error(["--epochs", "abc"], 2,
+                                  "--epochs: must be a positive integer, got 'abc'")
 
     def test_resume_without_a_run_is_rejected(self):
         self.check_one_line_error(["--resume", "--out", self.root / "nothing"], 1,
