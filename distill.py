@@ -4,8 +4,8 @@
         ResNet-18 teacher (trained first, 30 epochs), ResNet-20 student; a GPU job.
     python distill.py --data-dir /tmp/cifar10-jpeg --teacher resnet20 --student tinycnn \\
         --subset 10000 --teacher-epochs 15 --epochs 15 --baseline
-        A CPU-sized run: 6 minutes on 2 cores of a Xeon with AVX512-BF16, teacher 73.0%,
-        student 67.3% with the teacher and 65.7% without it (README.md, "Results").
+        A CPU-sized run: 6 minutes on 2 cores of a Xeon with AVX512-BF16, teacher 73.1%,
+        student 67.4% with the teacher and 65.7% without it (README.md, "Results").
     torchrun --nproc_per_node=8 distill.py --epochs 30
         The same on 8 GPUs, data-parallel; --batch-size stays the global batch.
     python distill.py --resume --out runs/NAME
