@@ -1,4 +1,4 @@
-"""How fast is the distillation step? Three contenders measured side by side, in one run.
+"""How fast is the distillation step? Four contenders measured side by side, in one run.
 
     python bench.py --quick                            # synthetic images, under a minute
     python bench.py --data-dir /tmp/cifar10-jpeg       # the README's table
@@ -12,10 +12,13 @@
    memory on a GPU), float32, the textbook loss, and `loss.item()` every step for the log.
 3. bound: the project's models, precision and loss on one batch already on the device:
    forward, backward and optimizer step and nothing else; the fastest the step can be.
+4. fp32 step: the same bare step in the usual recipe's float32 and memory layout. fp32 step /
+   usual is what the usual recipe loses to its data loading; bound / fp32 step, what it loses
+   to its precision and layout.
 
-The contenders take turns in rounds (project, usual, bound, project, ...) so that noise from
-other work on the machine hits them alike; each figure is the median over the rounds. The
-teacher's share is the time of its forward alone over the bound step time.
+The contenders take turns in rounds, each round starting one contender later, so that noise
+from other work on the machine hits them alike; each figure is the median over the rounds.
+The teacher's share is the time of its forward alone over the bound step time.
 """
 import argparse
 import itertools
@@ -40,16 +43,15 @@ import distill
 import loss
 import models
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets, in FLOP/s, for MFU.
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets, in FLOP/s, for MFU; the longest name
+# found in the device's name wins, so "H100 PCIe" is not taken for "H100" (the SXM card).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is lower, about 756e12
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
     "A100": 312e12,
     "L40S": 362e12,
     "L4": 121e12,
-    "A10G": 70e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
 }
 TEMPERATURE, ALPHA = 4.0, 0.7
 
@@ -152,11 +154,13 @@ class UsualStep(Contender):
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
         ])
-        official = Path(data_dir) / "cifar-10-batches-py"
-        if official.is_dir():
-            dataset = torchvision.datasets.CIFAR10(str(data_dir), train=True, transform=augment)
+        root = Path(data_dir)
+        if root.name == "cifar-10-batches-py":  # as data.py, accept the official folder itself
+            root = root.parent
+        if (root / "cifar-10-batches-py").is_dir():
+            dataset = torchvision.datasets.CIFAR10(str(root), train=True, transform=augment)
         else:
-            dataset = torchvision.datasets.ImageFolder(str(Path(data_dir) / "train"), augment)
+            dataset = torchvision.datasets.ImageFolder(str(root / "train"), augment)
         # Fresh workers every round, shut down after it: persistent ones would refill their
         # queues while the next contender is being timed, and start each round with free
         # batches.
@@ -184,7 +188,7 @@ class UsualStep(Contender):
 
     def run(self, steps):
         batches = self.endless_batches()
-        for _ in range(2 * max(self.loader.num_workers, 1)):  # worker start-up, untimed
+        for _ in range(max(self.loader.num_workers, 1)):  # worker start-up, untimed
             self.step(batches)
         synchronize(self.device)
         started = time.perf_counter()
@@ -197,17 +201,22 @@ class UsualStep(Contender):
 
 
 class BoundStep(Contender):
-    name = "bound"
+    """The model step alone. As "bound", with the project's precision and layout; as "fp32
+    step", with the usual recipe's (float32, contiguous), which splits the usual recipe's gap to
+    the project into what its data loading costs and what its precision costs."""
 
-    def __init__(self, args, runtime, image_data):
-        self.runtime = runtime
+    def __init__(self, args, runtime, image_data, name="bound", channels_last=True):
+        self.name, self.runtime = name, runtime
         self.nets = Models(args.teacher, args.student, image_data.num_classes, runtime.device,
-                           channels_last=True)
+                           channels_last=channels_last)
         self.optimizer = distill.make_optimizer(self.nets.student, 0.05, 5e-4, runtime.device)
+        self.scaler = runtime.make_scaler()
         self.criterion = loss.KLDivLossWithTemperature(TEMPERATURE, ALPHA)
         batches = data.train_batches(image_data.train, args.batch_size,
                                      data.make_generator(1, runtime.device), image_data.normalize)
         self.images, self.labels = next(batches)
+        if not channels_last:
+            self.images = self.images.contiguous()
         self.student, self.teacher = self.nets.student, self.nets.teacher
         if args.compile:
             self.student, self.teacher = torch.compile(self.student), torch.compile(self.teacher)
@@ -219,8 +228,9 @@ class BoundStep(Contender):
             student_logits = self.student(self.images)
         total = self.criterion(student_logits, teacher_logits, self.labels)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def teacher_forward(self):
         with torch.no_grad(), self.runtime.autocast():
@@ -249,8 +259,11 @@ def measure(contenders, batch_size, rounds, steps, warmup_steps, device) -> Dict
     for contender in contenders:
         contender.run(warmup_steps)
     rates = {contender.name: [] for contender in contenders}
-    for _ in range(rounds):
-        for contender in contenders:
+    for round_index in range(rounds):
+        # Each round starts one contender later, so that none always runs after the same one:
+        # a step runs measurably slower right after some others (caches, memory).
+        shift = round_index % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
             seconds = contender.run(steps)
             rates[contender.name].append(steps * batch_size / seconds)
     return {name: {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -277,15 +290,13 @@ def device_peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return peak
-    return None
+    matches = [key for key in PEAK_BF16_FLOPS if key in name]
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
 def epoch_seconds(args, runtime, image_data) -> Dict[str, float]:
     """One teacher epoch (cross-entropy) and one distillation epoch on the whole training split,
-    the loop exactly as distill.py runs it (evaluation not included)."""
+    through distill.py's train_epoch, eager (--compile is not applied), evaluation left out."""
     nets = Models(args.teacher, args.student, image_data.num_classes, runtime.device, True)
     nets.teacher.train().requires_grad_(True)
     steps = len(image_data.train) // args.batch_size
@@ -321,9 +332,9 @@ def build_parser():
                         help="default: resnet20 on a GPU, tinycnn on a CPU")
     parser.add_argument("--batch-size", type=distill.positive_int, default=256,
                         help="images per step, for every contender")
-    parser.add_argument("--rounds", type=distill.positive_int, help="default 3 quick, 5 full")
+    parser.add_argument("--rounds", type=distill.positive_int, help="default 6 quick, 8 full")
     parser.add_argument("--steps", type=distill.positive_int,
-                        help="timed steps per contender per round (default 8 quick, 20 full)")
+                        help="timed steps per contender per round (default 4 quick, 20 full)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader worker processes of the usual recipe")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
@@ -355,12 +366,12 @@ def run_benchmark(args) -> int:
     on_gpu = device.type == "cuda"
     args.teacher = args.teacher or ("resnet18" if on_gpu else "resnet20")
     args.student = args.student or ("resnet20" if on_gpu else "tinycnn")
-    rounds = args.rounds or (3 if args.quick else 5)
-    steps = args.steps or (8 if args.quick else 20)
+    rounds = args.rounds or (6 if args.quick else 8)
+    steps = args.steps or (4 if args.quick else 20)
 
     with tempfile.TemporaryDirectory() as temporary:
         if args.data_dir is None:
-            synthetic_images = args.batch_size * (steps + 2 * args.workers + 2)
+            synthetic_images = args.batch_size * (steps + args.workers + 2)
             if args.gpu_report:
                 synthetic_images = 50_000  # an epoch of full CIFAR-10's size
             data_dir = make_synthetic_folder(Path(temporary), synthetic_images)
@@ -374,11 +385,14 @@ def run_benchmark(args) -> int:
             raise distill.UsageError(f"{source} holds too few training images for --batch-size "
                                      f"{args.batch_size}")
 
+        fp32_runtime = distill.Runtime(distill.parse_args(["--device", args.device,
+                                                           "--amp", "off"]))
         contenders = [
             ProjectStep(args, runtime, image_data),
             UsualStep(args, device, data_dir, image_data.num_classes,
                       image_data.normalize.mean, image_data.normalize.std),
             BoundStep(args, runtime, image_data),
+            BoundStep(args, fp32_runtime, image_data, name="fp32 step", channels_last=False),
         ]
         print(f"bench.py: {runtime.describe()} | teacher {args.teacher}, student "
               f"{args.student} | batch {args.batch_size} | {source} | usual: "
@@ -396,6 +410,7 @@ def run_benchmark(args) -> int:
             "images_per_second": {name: round(rate["median"], 1) for name, rate in rates.items()},
             "project_vs_usual": rates["project"]["median"] / rates["usual"]["median"],
             "project_vs_bound": rates["project"]["median"] / rates["bound"]["median"],
+            "fp32_step_vs_usual": rates["fp32 step"]["median"] / rates["usual"]["median"],
             "teacher_forward_share": teacher_seconds / step_seconds,
             "peak_memory_gib": peak_memory_gib(device),
         }
@@ -412,11 +427,13 @@ def run_benchmark(args) -> int:
 
 
 def print_table(result, rates):
-    print(f"{'contender':<10} {'images/s':>10} {'min':>10} {'max':>10}")
+    print(f"{'contender':<12} {'images/s':>10} {'min':>10} {'max':>10}")
     for name, rate in rates.items():
-        print(f"{name:<10} {rate['median']:10.0f} {rate['min']:10.0f} {rate['max']:10.0f}")
+        print(f"{name:<12} {rate['median']:10.0f} {rate['min']:10.0f} {rate['max']:10.0f}")
     print(f"project / usual  {result['project_vs_usual']:.2f}x")
     print(f"project / bound  {100 * result['project_vs_bound']:.1f}%")
+    print(f"fp32 step / usual {result['fp32_step_vs_usual']:.2f}x (the usual recipe's data "
+          f"loading)")
     print(f"teacher forward  {100 * result['teacher_forward_share']:.1f}% of the bound step")
     print(f"peak memory      {result['peak_memory_gib']:.2f} GiB")
     for phase, seconds in result.get("epoch_seconds", {}).items():
@@ -425,8 +442,8 @@ def print_table(result, rates):
         print(f"work per image   {result['gflop_per_image']:.3f} GFLOP (teacher forward, student "
               f"forward and backward)")
         if result["mfu"]:
-            print("MFU              " + ", ".join(f"{name} {100 * value:.1f}%"
-                                                   for name, value in result["mfu"].items()))
+            print("MFU (of the bf16 peak) " + ", ".join(
+                f"{name} {100 * value:.1f}%" for name, value in result["mfu"].items()))
         else:
             print("MFU              unknown peak for this device")
 

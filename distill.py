@@ -68,7 +68,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+        hidden = action.default is None or action.default is False
+        if "default" not in text and not hidden and action.default is not argparse.SUPPRESS:
             text += " (default: %(default)s)"
         return text
 
@@ -140,25 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("distillation (see loss.py)")
     group.add_argument("--temperature-schedule", choices=("step", "constant", "linear", "cosine"),
-                       help="step: 8 * 0.5 ** (epoch // (epochs // 3)), so 30 epochs give 8, "
-                            "4, 2 and 5 epochs 8, 4, 2, 1, 0.5; constant: --temperature; "
-                            "linear/cosine: --temperature to --temperature-end (default: "
-                            "constant if --temperature is given, else step)")
+                       help="step: T0 * 0.5 ** (epoch // (epochs // 3)), so 30 epochs give 8, "
+                            "4, 2 and 5 epochs 8, 4, 2, 1, 0.5; constant: T0; linear/cosine: "
+                            "T0 to --temperature-end; T0 is --temperature (default: constant "
+                            "if --temperature is given, else step)")
     group.add_argument("--temperature", type=positive_float,
-                       help="softmax temperature T > 0, constant or the start of a linear/cosine "
-                            "schedule (default: 5)")
-    group.add_argument("--temperature-end", type=positive_float, default=1.0,
-                       help="last-epoch temperature of the linear/cosine schedules")
+                       help="softmax temperature T0 > 0: the constant value, or where the "
+                            "schedule starts (default: 5 for constant, 8 for the others)")
+    group.add_argument("--temperature-end", type=positive_float,
+                       help="last-epoch temperature of the linear and cosine schedules "
+                            "(default: 1)")
     group.add_argument("--alpha-schedule", choices=("exponential", "constant", "linear", "cosine"),
-                       help="weight of the distillation term; exponential: 0.9 * 0.1 ** "
-                            "(epoch / epochs); constant: --alpha; linear/cosine: --alpha to "
-                            "--alpha-end (default: constant if --alpha is given, else "
-                            "exponential)")
+                       help="exponential: A0 * 0.1 ** (epoch / epochs); constant: A0; "
+                            "linear/cosine: A0 to --alpha-end; A0 is --alpha (default: "
+                            "constant if --alpha is given, else exponential)")
     group.add_argument("--alpha", type=unit_interval,
-                       help="weight in [0, 1] of the distillation term; CE gets 1 - alpha "
-                            "(default: 0.7)")
-    group.add_argument("--alpha-end", type=unit_interval, default=0.1,
-                       help="last-epoch alpha of the linear/cosine schedules")
+                       help="weight A0 in [0, 1] of the distillation term, CE getting 1 - "
+                            "alpha: the constant value, or where the schedule starts (default: "
+                            "0.7 for constant, 0.9 for the others)")
+    group.add_argument("--alpha-end", type=unit_interval,
+                       help="last-epoch alpha of the linear and cosine schedules (default: 0.1)")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", default="./data",
@@ -195,18 +197,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags that may differ when a run is resumed, since they describe the machine, not the run.
-MACHINE_FLAGS = ("data_dir", "device", "out", "resume", "tensorboard", "compile")
+MACHINE_FLAGS = ("data_dir", "device", "out", "resume", "tensorboard", "compile",
+                 "eval_batch_size")
+# name: (default schedule, default start of a schedule, default constant, default end)
+SCHEDULE_DEFAULTS = {"temperature": ("step", 8.0, 5.0, 1.0),
+                     "alpha": ("exponential", 0.9, 0.7, 0.1)}
+_NOT_GIVEN = object()
 
 
-def explicit_flags(argv: Optional[List[str]], args: argparse.Namespace) -> dict:
+def explicit_flags(argv: Optional[List[str]]) -> dict:
     """The flags written on the command line, with their parsed values."""
-    words = sys.argv[1:] if argv is None else argv
-    given = {}
-    for action in build_parser()._actions:  # the parser's own list of its flags
-        for flag in action.option_strings:
-            if any(word == flag or word.startswith(flag + "=") for word in words):
-                given[action.dest] = getattr(args, action.dest)
-    return given
+    parser = build_parser()
+    destinations = vars(parser.parse_args([]))
+    # A default that is not a string is never parsed, so it marks what the line left out.
+    parser.set_defaults(**{key: _NOT_GIVEN for key in destinations})
+    parsed = vars(parser.parse_args(argv))
+    return {key: value for key, value in parsed.items() if value is not _NOT_GIVEN}
+
+
+def resolve_schedule(parser, args, name: str) -> None:
+    """Fill in the schedule, start and end of `name` ("temperature" or "alpha")."""
+    default_schedule, default_start, default_constant, default_end = SCHEDULE_DEFAULTS[name]
+    value, end = getattr(args, name), getattr(args, f"{name}_end")
+    schedule = getattr(args, f"{name}_schedule")
+    if schedule is None:
+        schedule = default_schedule if value is None else "constant"
+    if end is not None and schedule not in ("linear", "cosine"):
+        parser.error(f"--{name}-end is for the linear and cosine schedules, not {schedule}")
+    if value is None:
+        value = default_constant if schedule == "constant" else default_start
+    if end is None and schedule in ("linear", "cosine"):
+        end = default_end
+    setattr(args, f"{name}_schedule", schedule)
+    setattr(args, name, value)
+    setattr(args, f"{name}_end", end)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -216,14 +240,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if args.out is None:
             parser.error("--resume needs --out, the folder of the run to continue")
         return args
-    if args.temperature_schedule is None:
-        args.temperature_schedule = "step" if args.temperature is None else "constant"
-    if args.temperature is None:
-        args.temperature = 5.0
-    if args.alpha_schedule is None:
-        args.alpha_schedule = "exponential" if args.alpha is None else "constant"
-    if args.alpha is None:
-        args.alpha = 0.7
+    resolve_schedule(parser, args, "temperature")
+    resolve_schedule(parser, args, "alpha")
     if args.teacher_epochs is None:
         args.teacher_epochs = args.epochs
     if args.out is None:
@@ -232,22 +250,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def make_schedule(kind: str, value: float, end: float, named: Callable) -> Callable:
-    """A function of (epoch, total_epochs): `named` (step or exponential), or a constant, linear
-    or cosine schedule from `value` to `end`."""
+def make_schedule(kind: str, value: float, end: Optional[float]) -> Callable:
+    """A function of (epoch, total_epochs) from loss.py, starting at (or constant at) `value`."""
     if kind == "constant":
         return functools.partial(loss.constant, value=value)
     if kind in ("linear", "cosine"):
         return functools.partial(getattr(loss, kind), start=value, end=end)
-    return named
+    named = {"step": loss.step_temperature, "exponential": loss.exponential_alpha}[kind]
+    return functools.partial(named, start=value)
 
 
 def make_schedules(args) -> Dict[str, Callable[[int, int], float]]:
     return {
         "temperature": make_schedule(args.temperature_schedule, args.temperature,
-                                     args.temperature_end, loss.step_temperature),
-        "alpha": make_schedule(args.alpha_schedule, args.alpha, args.alpha_end,
-                               loss.exponential_alpha),
+                                     args.temperature_end),
+        "alpha": make_schedule(args.alpha_schedule, args.alpha, args.alpha_end),
     }
 
 
@@ -370,7 +387,10 @@ def choose_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 from Ampere (compute capability 8) on; is_bf16_supported() also says yes
+        # for older GPUs that only emulate it, slowly.
+        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native_bf16 else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
@@ -405,9 +425,10 @@ def load_checkpoint(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors all mean "not ours"
-        reason = " ".join(str(error).split())
-        reason = reason[:200] if len(reason) > 20 else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
+        # torch.load's messages run to paragraphs of advice; their last line holds the cause.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = lines[-1][:160] if lines and len(lines[-1]) > 8 else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({cause})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint")
     return payload
@@ -500,16 +521,16 @@ def train_epoch(
 ) -> dict:
     """Train for one epoch; with `teacher=None` the loss is plain cross-entropy.
 
-    Losses and counts stay on the device and are read once at the end, so the host never waits
-    for the device inside the loop; a non-finite loss is remembered by its step and reported
-    then.
+    Losses and counts stay on the device and are read once at the end, so in float32 and bf16
+    the host never waits for the device inside the loop (fp16 reads the loss scale every step
+    to count skipped steps); a non-finite loss is remembered by its step and reported then.
     """
     model.train()
     device = runtime.device
     # Sums over this process's images: [loss, kd part, ce part, correct predictions].
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     first_bad_step = torch.full((1,), steps, dtype=torch.int64, device=device)
-    images_seen = 0
+    image_count = 0
     skipped_steps = 0
 
     for step, (images, labels) in enumerate(batches):
@@ -544,14 +565,17 @@ def train_epoch(
             totals[3] += (logits.argmax(dim=1) == labels).sum()
             bad = ~torch.isfinite(parts.total) & (first_bad_step == steps)
             first_bad_step = torch.where(bad, step, first_bad_step)
-        images_seen += batch
+        image_count += batch
         if progress is not None:
-            progress(step, images_seen, totals)
+            progress(step, image_count, totals)
 
     loss_sum, kd_sum, ce_sum, correct = runtime.reduce(totals).tolist()
-    images = images_seen * runtime.world_size  # every process takes an equal share
+    images = image_count * runtime.world_size  # every process takes an equal share
     bad_step = runtime.reduce(first_bad_step, "min").item()
-    # In fp16 the scaler skips the steps whose gradients overflow, and they are counted instead.
+    # In fp16 the scaler skips the steps whose gradients overflow, and they are counted instead;
+    # only an epoch of nothing but skipped steps means the run has diverged.
+    if scaler.is_enabled() and skipped_steps == steps:
+        raise TrainingDiverged(f"every one of its {steps} fp16 steps overflowed")
     if bad_step < steps and not scaler.is_enabled():
         raise TrainingDiverged(f"step {bad_step + 1} of {steps}")
     return {
@@ -710,7 +734,8 @@ class Run:
             except TrainingDiverged as diverged:
                 raise TrainingDiverged(
                     f"the {phase} loss became non-finite in epoch {epoch + 1}, {diverged}; "
-                    f"{self.out / 'resume.pt'} keeps the run as it was before that epoch"
+                    f"start a new run with a lower --lr (--resume would repeat this epoch "
+                    f"exactly)"
                 ) from None
             seconds = time.perf_counter() - started
             runtime.broadcast_buffers(model)
@@ -894,13 +919,20 @@ def describe_data(image_data) -> dict:
             "test_images": len(image_data.test)}
 
 
-def start_output(args, image_data) -> dict:
+def describe_hardware(runtime: Runtime) -> dict:
+    """What a resumed run must find again: the random streams and the loss scaler's state
+    belong to one kind of device and one precision."""
+    return {"device_type": runtime.device.type, "precision": runtime.precision}
+
+
+def start_output(args, runtime: Runtime, image_data) -> dict:
     """Create --out with the configuration and a first resume state, and return that state.
     From here on a stopped run can be continued with --resume."""
     state = {
         "format": CHECKPOINT_FORMAT, "kind": "resume", "config": vars(args),
-        "data": describe_data(image_data), "phase": "teacher", "phase_state": None,
-        "results": {}, "metrics": [], "elapsed_seconds": 0.0,
+        "data": describe_data(image_data), "hardware": describe_hardware(runtime),
+        "phase": "teacher", "phase_state": None, "results": {}, "metrics": [],
+        "elapsed_seconds": 0.0,
     }
     out = Path(args.out)
     try:
@@ -916,14 +948,11 @@ def start_output(args, image_data) -> dict:
 def restore_config(given: dict, state: dict) -> argparse.Namespace:
     """The saved configuration, with the machine-specific flags given on this command line."""
     saved = argparse.Namespace(**state["config"])
-    ignored = [
-        f"--{key.replace('_', '-')}" for key, value in given.items()
-        if key not in MACHINE_FLAGS and value != getattr(saved, key, None)
-    ]
+    ignored = [f"--{key.replace('_', '-')}" for key in given if key not in MACHINE_FLAGS]
     for key in MACHINE_FLAGS:
         if key in given:
             setattr(saved, key, given[key])
-    if ignored:
+    if ignored and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: --resume continues with the saved configuration; ignoring "
               f"{', '.join(ignored)}", flush=True)
     return saved
@@ -938,18 +967,16 @@ def tensorboard_writer_class():
     return SummaryWriter
 
 
-def obtain_teacher(run: Run, checkpoint: Optional[dict]) -> nn.Module:
-    """The teacher: from this run's teacher.pt when an earlier session finished it, else from
-    --teacher-checkpoint (`checkpoint`, read already), else trained here."""
+def obtain_teacher(run: Run, loaded: Optional[nn.Module]) -> nn.Module:
+    """The teacher: from this run's teacher.pt when an earlier session finished it, else the one
+    `loaded` from --teacher-checkpoint, else trained here."""
     args, runtime = run.args, run.runtime
     teacher_file = run.out / "teacher.pt"
     if run.state["phase"] != "teacher":
         teacher = load_teacher(teacher_file, args.teacher, run.data.num_classes)
         return teacher.to(runtime.device, memory_format=torch.channels_last)
-    if checkpoint is not None:
-        teacher = build_teacher(checkpoint, Path(args.teacher_checkpoint), args.teacher,
-                                run.data.num_classes)
-        teacher = teacher.to(runtime.device, memory_format=torch.channels_last)
+    if loaded is not None:
+        teacher = loaded.to(runtime.device, memory_format=torch.channels_last)
         accuracy = evaluate(teacher, run.data, runtime, args.eval_batch_size)["test_accuracy"]
         run.state["results"]["teacher"] = {"test_accuracy": accuracy,
                                            "source": args.teacher_checkpoint}
@@ -967,12 +994,17 @@ def obtain_teacher(run: Run, checkpoint: Optional[dict]) -> nn.Module:
 
 
 def load_data(args, runtime: Runtime):
-    # Rank 0 alone downloads, if a download is needed; the others then read its files.
-    image_data = None
+    # Rank 0 alone downloads, if a download is needed; the others then read its files. Its
+    # failure goes to every process, or they would wait for it until the timeout.
+    image_data, failure = None, None
     if runtime.is_main:
-        image_data = data.load_image_data(args.data_dir, runtime.device)
-    if runtime.world_size > 1:
-        dist.barrier()
+        try:
+            image_data = data.load_image_data(args.data_dir, runtime.device)
+        except data.DataError as error:
+            failure = str(error)
+    failure = runtime.share_from_main(failure)
+    if failure is not None:
+        raise data.DataError(failure)
     if not runtime.is_main:
         image_data = data.load_image_data(args.data_dir, runtime.device, download=False)
     if args.subset:
@@ -993,8 +1025,9 @@ def run_job(args: argparse.Namespace, given: dict) -> int:
         state = read_resume_state(Path(args.out))
         args = restore_config(given, state)
         if state["phase"] == "done":
-            print(f"{args.out} holds a finished run:\n"
-                  + summary_table(args, state["results"], state["elapsed_seconds"]))
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{args.out} holds a finished run:\n"
+                      + summary_table(args, state["results"], state["elapsed_seconds"]))
             return 0
     runtime = Runtime(args)
     try:
@@ -1006,19 +1039,31 @@ def run_job(args: argparse.Namespace, given: dict) -> int:
                              f"{runtime.world_size} processes")
         if args.sync_bn and runtime.world_size > 1 and runtime.device.type != "cuda":
             raise UsageError("--sync-bn needs CUDA devices; PyTorch has no CPU SyncBatchNorm")
+        if state is not None and state["hardware"] != describe_hardware(runtime):
+            raise UsageError(f"this run was started on {state['hardware']['device_type']} in "
+                             f"{state['hardware']['precision']}; it continues only there, not "
+                             f"on {runtime.device.type} in {runtime.precision}")
         writer_class = tensorboard_writer_class() if args.tensorboard else None
         checkpoint = None
         if args.teacher_checkpoint and (state is None or state["phase"] == "teacher"):
             checkpoint = read_teacher_checkpoint(Path(args.teacher_checkpoint), args.teacher)
 
         image_data = load_data(args, runtime)
+        loaded_teacher = None
+        if checkpoint is not None:  # before --out is made, so that a misfit leaves nothing
+            loaded_teacher = build_teacher(checkpoint, Path(args.teacher_checkpoint),
+                                           args.teacher, image_data.num_classes)
         if state is None:
-            state = start_output(args, image_data) if runtime.is_main else None
+            state = start_output(args, runtime, image_data) if runtime.is_main else None
             state = runtime.share_from_main(state)
         elif describe_data(image_data) != state["data"]:
-            raise UsageError(f"--data-dir {args.data_dir} holds other data than this run was "
-                             f"started with ({state['data']['train_images']} training images "
-                             f"of classes {', '.join(state['data']['classes'])})")
+            saved, found = state["data"], describe_data(image_data)
+            raise UsageError(
+                f"--data-dir {args.data_dir} holds other data than this run was started with: "
+                f"{found['train_images']} training and {found['test_images']} test images of "
+                f"{len(found['classes'])} classes, against {saved['train_images']}, "
+                f"{saved['test_images']} and {len(saved['classes'])}"
+            )
 
         run = Run(args, runtime, image_data, state)
         if writer_class is not None and runtime.is_main:
@@ -1027,8 +1072,9 @@ def run_job(args: argparse.Namespace, given: dict) -> int:
             lines = "".join(json.dumps(entry) + "\n" for entry in state["metrics"])
             write_text_atomic(lines, run.out / "metrics.jsonl")
 
-        teacher_size = models.count_parameters(models.build_model(args.teacher, 10))
-        student_size = models.count_parameters(models.build_model(args.student, 10))
+        classes = image_data.num_classes
+        teacher_size = models.count_parameters(models.build_model(args.teacher, classes))
+        student_size = models.count_parameters(models.build_model(args.student, classes))
         run.log(textwrap.fill(
             "config: " + ", ".join(f"{key}={value}" for key, value in vars(args).items()),
             width=99, subsequent_indent="  ",
@@ -1044,7 +1090,7 @@ def run_job(args: argparse.Namespace, given: dict) -> int:
             run.log("note: --amp fp16 on a CPU runs far slower than --amp bf16 or off; it is "
                     "meant for older CUDA devices")
 
-        teacher = obtain_teacher(run, checkpoint)
+        teacher = obtain_teacher(run, loaded_teacher)
         teacher.eval()
         teacher.requires_grad_(False)
         run.log(f"teacher {args.teacher}: test top-1 "
@@ -1091,7 +1137,7 @@ def run_job(args: argparse.Namespace, given: dict) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        return run_job(args, explicit_flags(argv, args))
+        return run_job(args, explicit_flags(argv))
     except UsageError as error:
         print(f"distill.py: error: {error}", file=sys.stderr)
         return 2

@@ -33,9 +33,11 @@ Shapes and dtypes
 Logits are (N, C), or (N, ..., C) for a distribution over the last dimension at every position:
 the result then equals that of the flattened (N * ..., C) batch, so it does not grow with sequence
 length. Labels are int64 of shape (N,) or (N, ...); -100 marks a position to leave out of CE, as
-in `F.cross_entropy`. float16 and bfloat16 logits, inside or outside autocast, are computed in
-float32 and the result is float32. A class that both models mask with -inf contributes nothing.
-The teacher's logits are detached: no gradient ever reaches the teacher.
+in `F.cross_entropy`. The distillation term still covers that position: the teacher gives a
+target everywhere. To leave padding out of both terms, select the real positions first.
+float16 and bfloat16 logits, inside or outside autocast, are computed in float32 and the result
+is float32. A class that both models mask with -inf contributes nothing. The teacher's logits
+are detached: no gradient ever reaches the teacher.
 
 How other projects' weights map onto alpha
 ------------------------------------------
@@ -47,6 +49,10 @@ Some projects weight the CE term with their alpha, some use two independent weig
     w_kd * T^2 * KL + w_ce * CE                two weights         alpha = w_kd / (w_kd + w_ce),
                                                                    lr scaled by (w_kd + w_ce)
     w_kd * KL + w_ce * CE (no T^2)             two weights         as above, w_kd / T^2 for w_kd
+
+Scaling the loss by s = w_kd + w_ce is the same as scaling the learning rate by s for plain
+SGD; with SGD's weight decay, divide the decay by s as well. Adam and AdamW hardly see the
+scale of the loss, so there alpha alone carries over. The last row holds for a fixed T.
 """
 import math
 from typing import NamedTuple, Optional
@@ -222,10 +228,12 @@ def _check_epoch(epoch: int, total_epochs: int) -> None:
 
 
 def step_temperature(epoch: int, total_epochs: int, start: float = 8.0) -> float:
-    """start * 0.5 ** (epoch // (total_epochs // 3)): halves at each third of the run.
+    """start * 0.5 ** (epoch // (total_epochs // 3)): halved every total_epochs // 3 epochs.
 
-    With fewer than 3 epochs the period is taken as 1 epoch, so the value stays defined,
-    positive and non-increasing.
+    30 epochs give 8, 4, 2 over the three thirds; an epoch count that is not a multiple of 3
+    gets a fourth step or more (10 epochs: 8, 4, 2, 1; 5 epochs: 8, 4, 2, 1, 0.5). With fewer
+    than 3 epochs the period is 1 epoch, so the value stays defined, positive and
+    non-increasing.
     """
     _check_epoch(epoch, total_epochs)
     period = max(1, total_epochs // 3)

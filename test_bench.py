@@ -51,7 +51,8 @@ class TestTinyRun(unittest.TestCase):
 
     def test_run_succeeds_and_ends_with_one_json_line(self):
         self.assertEqual(self.status, 0)
-        self.assertEqual(set(self.result["images_per_second"]), {"project", "usual", "bound"})
+        self.assertEqual(set(self.result["images_per_second"]),
+                         {"project", "usual", "bound", "fp32 step"})
 
     def test_ratios_are_those_of_the_printed_rates(self):
         rates = self.result["images_per_second"]
@@ -59,6 +60,8 @@ class TestTinyRun(unittest.TestCase):
                                rates["project"] / rates["usual"], delta=0.01)
         self.assertAlmostEqual(self.result["project_vs_bound"],
                                rates["project"] / rates["bound"], delta=0.01)
+        self.assertAlmostEqual(self.result["fp32_step_vs_usual"],
+                               rates["fp32 step"] / rates["usual"], delta=0.01)
 
     def test_report_has_teacher_share_memory_and_epoch_times(self):
         self.assertGreater(self.result["teacher_forward_share"], 0)

@@ -41,7 +41,9 @@ def make_image_folder(root, classes=("ant", "bee", "cat"), train_per_class=40,
 
 class TemporaryFolderTest(unittest.TestCase):
     def setUp(self):
-        self.folder = Path(self.enterContext(tempfile.TemporaryDirectory()))
+        temporary = tempfile.TemporaryDirectory()
+        self.addCleanup(temporary.cleanup)
+        self.folder = Path(temporary.name)
 
 
 class TestLoading(TemporaryFolderTest):
@@ -149,7 +151,7 @@ class TestSubset(unittest.TestCase):
         self.assertTrue(torch.equal(first.images, second.images))
 
     def test_subset_larger_than_the_split_is_rejected(self):
-        with self.assertRaisesRegex(data.DataError, "between 1 and 20, got 21"):
+        with self.assertRaisesRegex(data.DataError, "between 1 and 20 images, got 21"):
             data.class_balanced_subset(small_split(20), 21, 4)
 
 

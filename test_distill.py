@@ -108,6 +108,24 @@ class TestEndToEnd(WithImageFolder):
         self.assertEqual(student["temperature"], loss.step_temperature(0, 2))
         self.assertEqual(student["alpha"], loss.exponential_alpha(0, 2))
 
+    def test_schedules_start_where_the_flags_say(self):
+        out = self.fresh_out("run")
+        status, _, stderr = run_distill(tiny_run_arguments(
+            self.data_dir, out, "--temperature-schedule", "step", "--temperature", "3",
+            "--alpha-schedule", "linear", "--alpha", "0.5", "--alpha-end", "0.1"))
+        self.assertEqual(status, 0, stderr)
+        student = [entry for entry in read_metrics(out) if entry["phase"] == "student"]
+        self.assertEqual([entry["temperature"] for entry in student], [3.0, 1.5])
+        self.assertEqual(student[0]["alpha"], 0.5)
+        self.assertAlmostEqual(student[1]["alpha"], 0.1, places=12)
+
+    def test_reported_result_is_the_last_epochs_not_the_best(self):
+        summary = json.loads((self.out / "summary.json").read_text())["results"]
+        for phase in ("teacher", "student", "baseline"):
+            last = [entry for entry in read_metrics(self.out) if entry["phase"] == phase][-1]
+            with self.subTest(phase=phase):
+                self.assertEqual(summary[phase]["test_accuracy"], last["test_accuracy"])
+
     def test_startup_line_and_final_table_are_printed(self):
         self.assertIn("device cpu", self.stdout)
         self.assertIn("teacher tinycnn (0.09 M params)", self.stdout)
@@ -342,6 +360,17 @@ class TestResume(WithImageFolder):
         self.assertEqual(status, 0)
         self.assertIn("ignoring --student, --epochs", stdout)
 
+    def test_resume_on_another_device_or_precision_is_refused(self):
+        out = self.fresh_out("run")
+        with self.interrupt_after("student", 1):
+            run_distill(tiny_run_arguments(self.data_dir, out))
+        state = torch.load(out / "resume.pt", weights_only=True)
+        state["hardware"] = {"device_type": "cuda", "precision": "bf16"}
+        torch.save(state, out / "resume.pt")
+        status, _, stderr = run_distill(["--resume", "--out", out])
+        self.assertEqual(status, 2)
+        self.assertIn("started on cuda in bf16; it continues only there", stderr)
+
     def test_resume_on_other_data_is_refused(self):
         out = self.fresh_out("run")
         with self.interrupt_after("student", 1):
@@ -407,12 +436,13 @@ def models_pair(num_classes=3):
     return teacher, student
 
 
-def one_step(student, teacher, runtime, images, labels, scaler=None):
+def one_step(student, teacher, runtime, images, labels, scaler=None, steps=1):
+    """`steps` training steps on the same batch, through distill.train_epoch."""
     optimizer = distill.make_optimizer(student, 0.1, 5e-4, CPU)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return distill.train_epoch(
         student, teacher, loss.KLDivLossWithTemperature(4.0, 0.7), optimizer, scheduler,
-        scaler or runtime.make_scaler(), [(images, labels)], 1, runtime)
+        scaler or runtime.make_scaler(), [(images, labels)] * steps, steps, runtime)
 
 
 class TestStep(unittest.TestCase):
@@ -448,14 +478,22 @@ class TestStep(unittest.TestCase):
     def test_fp16_steps_skipped_by_the_scaler_are_counted(self):
         teacher, student = models_pair()
         before = copy.deepcopy(student.state_dict())
-        runtime = runtime_with("fp16")
-        # A scale this large overflows float16 gradients, so the scaler must skip the step.
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
-        result = one_step(student, teacher, runtime, *batch_of(), scaler=scaler)
+        # A scale this large overflows float16 gradients, so the scaler skips the first step;
+        # the backoff then brings the scale down to 1 and the second step goes through.
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100, backoff_factor=2.0 ** -100)
+        result = one_step(student, teacher, runtime_with("fp16"), *batch_of(), scaler=scaler,
+                          steps=2)
         self.assertEqual(result["skipped_steps"], 1)
-        for key, value in student.state_dict().items():
-            if value.is_floating_point() and "running" not in key:
-                self.assertTrue(torch.equal(value, before[key]), key)
+        changed = [key for key, value in student.state_dict().items()
+                   if value.is_floating_point() and not torch.equal(value, before[key])]
+        self.assertTrue(changed)
+
+    def test_epoch_of_only_skipped_fp16_steps_is_divergence(self):
+        teacher, student = models_pair()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
+        with self.assertRaisesRegex(distill.TrainingDiverged, "every one of its 2 fp16 steps"):
+            one_step(student, teacher, runtime_with("fp16"), *batch_of(), scaler=scaler,
+                     steps=2)
 
     def test_loss_parts_are_averaged_over_images(self):
         teacher, student = models_pair()
@@ -582,12 +620,20 @@ class TestBadInputs(WithImageFolder):
             tiny_run_arguments(self.data_dir, self.fresh_out("run"), "--teacher-checkpoint",
                                path), 1, "resnet20 teacher", "pass --teacher resnet20")
 
-    def test_teacher_checkpoint_for_another_class_count_is_rejected(self):
+    def test_teacher_checkpoint_for_another_class_count_is_rejected_leaving_no_folder(self):
         path = self.root / "ten-class-teacher.pt"
         torch.save(models.build_model("tinycnn", 10).state_dict(), path)
+        out = self.fresh_out("run")
         self.check_one_line_error(
-            tiny_run_arguments(self.data_dir, self.fresh_out("run"), "--teacher-checkpoint",
-                               path), 1, "does not fit a tinycnn with 3 classes")
+            tiny_run_arguments(self.data_dir, out, "--teacher-checkpoint", path), 1,
+            "does not fit a tinycnn with 3 classes")
+        self.assertFalse(out.exists())
+
+    def test_end_value_for_a_schedule_without_one_is_rejected(self):
+        self.check_one_line_error(["--temperature-end", "2"], 2,
+                                  "--temperature-end is for the linear and cosine schedules")
+        self.check_one_line_error(["--alpha-schedule", "constant", "--alpha-end", "0.2"], 2,
+                                  "--alpha-end")
 
     def test_output_folder_that_cannot_be_written_is_rejected(self):
         blocker = self.root / "a-file"

@@ -64,7 +64,9 @@ def random_batch(batch_size=8, num_classes=10, seed=0, scale=3.0):
 
 class WarningsAsErrors(unittest.TestCase):
     def setUp(self):
-        self.enterContext(warnings.catch_warnings())
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        self.addCleanup(caught.__exit__, None, None, None)
         warnings.simplefilter("error")
 
 
