@@ -1019,6 +1019,118 @@ def load_data(args, runtime: Runtime):
     return image_data
 
 
+def start_run(args, state: Optional[dict], runtime: Runtime):
+    """Check everything, load the data, create --out (or check a resumed run against it), and
+    announce the run. Returns the Run and the teacher read from --teacher-checkpoint, if any."""
+    if state is None:
+        args.out = runtime.share_from_main(args.out)  # the default name holds the time
+        check_new_output(Path(args.out))
+    if runtime.world_size > 1 and args.batch_size % runtime.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over "
+                         f"{runtime.world_size} processes")
+    if args.sync_bn and runtime.world_size > 1 and runtime.device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices; PyTorch has no CPU SyncBatchNorm")
+    if state is not None and state["hardware"] != describe_hardware(runtime):
+        raise UsageError(f"this run was started on {state['hardware']['device_type']} in "
+                         f"{state['hardware']['precision']}; it continues only there, not "
+                         f"on {runtime.device.type} in {runtime.precision}")
+    writer_class = tensorboard_writer_class() if args.tensorboard else None
+    checkpoint = None
+    if args.teacher_checkpoint and (state is None or state["phase"] == "teacher"):
+        checkpoint = read_teacher_checkpoint(Path(args.teacher_checkpoint), args.teacher)
+
+    image_data = load_data(args, runtime)
+    loaded_teacher = None
+    if checkpoint is not None:  # before --out is made, so that a misfit leaves nothing
+        loaded_teacher = build_teacher(checkpoint, Path(args.teacher_checkpoint),
+                                       args.teacher, image_data.num_classes)
+    if state is None:
+        state = start_output(args, runtime, image_data) if runtime.is_main else None
+        state = runtime.share_from_main(state)
+    elif describe_data(image_data) != state["data"]:
+        saved, found = state["data"], describe_data(image_data)
+        raise UsageError(
+            f"--data-dir {args.data_dir} holds other data than this run was started with: "
+            f"{found['train_images']} training and {found['test_images']} test images of "
+            f"{len(found['classes'])} classes, against {saved['train_images']}, "
+            f"{saved['test_images']} and {len(saved['classes'])}"
+        )
+
+    run = Run(args, runtime, image_data, state)
+    if writer_class is not None and runtime.is_main:
+        run.writer = writer_class(str(run.out / "tensorboard"))
+    if args.resume and runtime.is_main:
+        lines = "".join(json.dumps(entry) + "\n" for entry in state["metrics"])
+        write_text_atomic(lines, run.out / "metrics.jsonl")
+
+    classes = image_data.num_classes
+    teacher_size = models.count_parameters(models.build_model(args.teacher, classes))
+    student_size = models.count_parameters(models.build_model(args.student, classes))
+    run.log(textwrap.fill(
+        "config: " + ", ".join(f"{key}={value}" for key, value in vars(args).items()),
+        width=99, subsequent_indent="  ",
+    ))
+    run.log(
+        f"{runtime.describe()} | teacher {args.teacher} ({teacher_size / 1e6:.2f} M params), "
+        f"student {args.student} ({student_size / 1e6:.2f} M params) | {image_data.source}: "
+        f"{len(image_data.train)} train, {len(image_data.test)} test images, "
+        f"{image_data.num_classes} classes | batch {args.batch_size}, "
+        f"{run.steps_per_epoch} steps per epoch | out {run.out}"
+    )
+    if runtime.amp_dtype == torch.float16 and runtime.device.type == "cpu":
+        run.log("note: --amp fp16 on a CPU runs far slower than --amp bf16 or off; it is "
+                "meant for older CUDA devices")
+    return run, loaded_teacher
+
+
+def distil(run: Run, loaded_teacher: Optional[nn.Module]) -> None:
+    """The phases still to do: teacher, student with distillation, and the baseline."""
+    args, runtime = run.args, run.runtime
+    teacher = obtain_teacher(run, loaded_teacher)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    run.log(f"teacher {args.teacher}: test top-1 "
+            f"{100 * run.state['results']['teacher']['test_accuracy']:.2f}%")
+    _, teacher_top_classes = predict_test_split(teacher, run.data, runtime,
+                                                args.eval_batch_size)
+    if runtime.compile:
+        teacher = torch.compile(teacher)
+
+    phases = [("student", teacher)] + ([("baseline", None)] if args.baseline else [])
+    for index, (phase, phase_teacher) in enumerate(phases):
+        if PHASES.index(run.state["phase"]) > PHASES.index(phase):
+            continue  # finished before a resume
+        student = run.build(args.student, phase)
+        last = run.train_phase(phase, student, phase_teacher, teacher_top_classes)
+        run.state["results"][phase] = {key: last.get(key) for key in
+                                       ("test_accuracy", "agreement", "top5_overlap")}
+        if runtime.is_main:
+            save_atomic(model_checkpoint(args.student, student, run.data, args,
+                                         last["test_accuracy"]), run.out / f"{phase}.pt")
+        next_phase = phases[index + 1][0] if index + 1 < len(phases) else "done"
+        run.state.update(phase=next_phase, phase_state=None)
+        run.save_state()
+
+
+def finish(run: Run) -> None:
+    """The comparison table, peak memory and summary.json."""
+    seconds = run.elapsed()
+    run.log("")
+    run.log(summary_table(run.args, run.state["results"], seconds))
+    memory = peak_host_memory_gib()
+    if memory is not None:
+        gpu = ""
+        if run.runtime.device.type == "cuda":
+            gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        run.log(f"peak host memory {memory:.2f} GiB{gpu}")
+    if run.runtime.is_main:
+        summary = {"results": run.state["results"], "seconds": seconds,
+                   "peak_host_memory_gib": memory}
+        write_text_atomic(json.dumps(summary, indent=2) + "\n", run.out / "summary.json")
+    if run.writer is not None:
+        run.writer.close()
+
+
 def run_job(args: argparse.Namespace, given: dict) -> int:
     state = None
     if args.resume:
@@ -1031,104 +1143,9 @@ def run_job(args: argparse.Namespace, given: dict) -> int:
             return 0
     runtime = Runtime(args)
     try:
-        if not args.resume:
-            args.out = runtime.share_from_main(args.out)  # the default name holds the time
-            check_new_output(Path(args.out))
-        if runtime.world_size > 1 and args.batch_size % runtime.world_size:
-            raise UsageError(f"--batch-size {args.batch_size} does not split evenly over "
-                             f"{runtime.world_size} processes")
-        if args.sync_bn and runtime.world_size > 1 and runtime.device.type != "cuda":
-            raise UsageError("--sync-bn needs CUDA devices; PyTorch has no CPU SyncBatchNorm")
-        if state is not None and state["hardware"] != describe_hardware(runtime):
-            raise UsageError(f"this run was started on {state['hardware']['device_type']} in "
-                             f"{state['hardware']['precision']}; it continues only there, not "
-                             f"on {runtime.device.type} in {runtime.precision}")
-        writer_class = tensorboard_writer_class() if args.tensorboard else None
-        checkpoint = None
-        if args.teacher_checkpoint and (state is None or state["phase"] == "teacher"):
-            checkpoint = read_teacher_checkpoint(Path(args.teacher_checkpoint), args.teacher)
-
-        image_data = load_data(args, runtime)
-        loaded_teacher = None
-        if checkpoint is not None:  # before --out is made, so that a misfit leaves nothing
-            loaded_teacher = build_teacher(checkpoint, Path(args.teacher_checkpoint),
-                                           args.teacher, image_data.num_classes)
-        if state is None:
-            state = start_output(args, runtime, image_data) if runtime.is_main else None
-            state = runtime.share_from_main(state)
-        elif describe_data(image_data) != state["data"]:
-            saved, found = state["data"], describe_data(image_data)
-            raise UsageError(
-                f"--data-dir {args.data_dir} holds other data than this run was started with: "
-                f"{found['train_images']} training and {found['test_images']} test images of "
-                f"{len(found['classes'])} classes, against {saved['train_images']}, "
-                f"{saved['test_images']} and {len(saved['classes'])}"
-            )
-
-        run = Run(args, runtime, image_data, state)
-        if writer_class is not None and runtime.is_main:
-            run.writer = writer_class(str(run.out / "tensorboard"))
-        if args.resume and runtime.is_main:
-            lines = "".join(json.dumps(entry) + "\n" for entry in state["metrics"])
-            write_text_atomic(lines, run.out / "metrics.jsonl")
-
-        classes = image_data.num_classes
-        teacher_size = models.count_parameters(models.build_model(args.teacher, classes))
-        student_size = models.count_parameters(models.build_model(args.student, classes))
-        run.log(textwrap.fill(
-            "config: " + ", ".join(f"{key}={value}" for key, value in vars(args).items()),
-            width=99, subsequent_indent="  ",
-        ))
-        run.log(
-            f"{runtime.describe()} | teacher {args.teacher} ({teacher_size / 1e6:.2f} M params), "
-            f"student {args.student} ({student_size / 1e6:.2f} M params) | {image_data.source}: "
-            f"{len(image_data.train)} train, {len(image_data.test)} test images, "
-            f"{image_data.num_classes} classes | batch {args.batch_size}, "
-            f"{run.steps_per_epoch} steps per epoch | out {run.out}"
-        )
-        if runtime.amp_dtype == torch.float16 and runtime.device.type == "cpu":
-            run.log("note: --amp fp16 on a CPU runs far slower than --amp bf16 or off; it is "
-                    "meant for older CUDA devices")
-
-        teacher = obtain_teacher(run, loaded_teacher)
-        teacher.eval()
-        teacher.requires_grad_(False)
-        run.log(f"teacher {args.teacher}: test top-1 "
-                f"{100 * run.state['results']['teacher']['test_accuracy']:.2f}%")
-        _, teacher_top_classes = predict_test_split(teacher, image_data, runtime,
-                                                    args.eval_batch_size)
-        if runtime.compile:
-            teacher = torch.compile(teacher)
-
-        phases = [("student", teacher)] + ([("baseline", None)] if args.baseline else [])
-        for index, (phase, phase_teacher) in enumerate(phases):
-            if PHASES.index(run.state["phase"]) > PHASES.index(phase):
-                continue  # finished before a resume
-            student = run.build(args.student, phase)
-            last = run.train_phase(phase, student, phase_teacher, teacher_top_classes)
-            run.state["results"][phase] = {key: last.get(key) for key in
-                                           ("test_accuracy", "agreement", "top5_overlap")}
-            if runtime.is_main:
-                save_atomic(model_checkpoint(args.student, student, image_data, args,
-                                             last["test_accuracy"]), run.out / f"{phase}.pt")
-            next_phase = phases[index + 1][0] if index + 1 < len(phases) else "done"
-            run.state.update(phase=next_phase, phase_state=None)
-            run.save_state()
-
-        seconds = run.elapsed()
-        run.log("")
-        run.log(summary_table(args, run.state["results"], seconds))
-        memory = peak_host_memory_gib()
-        if memory is not None:
-            run.log(f"peak host memory {memory:.2f} GiB"
-                    + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-                       if runtime.device.type == "cuda" else ""))
-        if runtime.is_main:
-            summary = {"results": run.state["results"], "seconds": seconds,
-                       "peak_host_memory_gib": memory}
-            write_text_atomic(json.dumps(summary, indent=2) + "\n", run.out / "summary.json")
-        if run.writer is not None:
-            run.writer.close()
+        run, loaded_teacher = start_run(args, state, runtime)
+        distil(run, loaded_teacher)
+        finish(run)
         return 0
     finally:
         runtime.close()
