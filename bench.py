@@ -20,7 +20,6 @@ The contenders take turns in rounds, each round starting one contender later, so
 from other work on the machine hits them alike; each figure is the median over the rounds.
 The teacher's share is the time of its forward alone over the bound step time.
 """
-import argparse
 import itertools
 import json
 import os

@@ -532,6 +532,8 @@ def train_epoch(
     first_bad_step = torch.full((1,), steps, dtype=torch.int64, device=device)
     image_count = 0
     skipped_steps = 0
+    # fp16 only: a skipped step lowers the scale, so one read of it per step counts them.
+    scale = scaler.get_scale() if scaler.is_enabled() else None
 
     for step, (images, labels) in enumerate(batches):
         with runtime.autocast():
@@ -549,10 +551,10 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(parts.total).backward()
         if scaler.is_enabled():
-            scale_before = scaler.get_scale()  # fp16 only: a skipped step lowers the scale
             scaler.step(optimizer)
             scaler.update()
-            skipped_steps += int(scaler.get_scale() < scale_before)
+            scale, previous_scale = scaler.get_scale(), scale
+            skipped_steps += int(scale < previous_scale)
         else:
             optimizer.step()
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the log

@@ -16,7 +16,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 

@@ -15,7 +15,6 @@ from loss import (
     KLDivLossWithTemperature,
     constant,
     cosine,
-    distillation_loss,
     exponential_alpha,
     linear,
     step_temperature,
